@@ -166,6 +166,7 @@ class ISNetObjective:
 
     # ------------------------------------------------------------------ configuration helpers
     def layer_names(self, model: nn.Module) -> list[str]:
+        """The LDS module names as the model names them (``module.``-prefixed under DDP)."""
         if self.lds_layers is None:
             return []
         if isinstance(self.lds_layers, str):
@@ -176,7 +177,7 @@ class ISNetObjective:
 
     def map_keys(self, model: nn.Module) -> list[str]:
         """The keys of every supervised map (what a calibration must provide)."""
-        base = ["input"] + self.layer_names(model)
+        base = ["input"] + [_key(n) for n in self.layer_names(model)]
         if self.variant == "dual":
             return [f"{k}/{r}" for k in base for r in ("epsilon", "zplus")]
         return base
@@ -216,19 +217,19 @@ class ISNetObjective:
 
                 heat, lmaps = _all_classes(fwd, logits, create_graph, self.max_maps_per_pass)
                 maps["input"] = heat
-                maps.update({n: lmaps[n] for n in layers})
+                maps.update({_key(n): lmaps[n] for n in layers})
             elif dual:
                 for rule, out in (("epsilon", logits), ("zplus", fwd.shadow_logits)):
-                    heat, lmaps = fwd.relevance(out.sum(), create_graph=create_graph)
+                    heat, lmaps = fwd.relevance(out.sum(), create_graph=create_graph, rule=rule)
                     maps[f"input/{rule}"] = heat.unsqueeze(1)
-                    maps.update({f"{n}/{rule}": lmaps[n].unsqueeze(1) for n in layers})
+                    maps.update({f"{_key(n)}/{rule}": lmaps[n].unsqueeze(1) for n in layers})
             else:
                 target = _TARGET[self.variant]
                 targets = select_targets(logits.detach(), target, self.generator)
                 q = explained_quantity(logits, target, targets, self.selective_mu)
                 heat, lmaps = fwd.relevance(q, create_graph=create_graph)
                 maps["input"] = heat.unsqueeze(1)
-                maps.update({n: lmaps[n].unsqueeze(1) for n in layers})
+                maps.update({_key(n): lmaps[n].unsqueeze(1) for n in layers})
         return logits, maps
 
     def calibration_maps(self, model: nn.Module, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -269,7 +270,7 @@ class ISNetObjective:
 
         parts: dict[str, float] = {}
         per_level: dict[str, torch.Tensor] = {}
-        for level in ["input"] + self.layer_names(model):
+        for level in ["input"] + [_key(n) for n in self.layer_names(model)]:
             keys = [f"{level}/epsilon", f"{level}/zplus"] if self.variant == "dual" else [level]
             heat = torch.cat([maps[k] for k in keys], dim=1)  # [B, K, C, h, w]
             m = masks if level == "input" else resize_mask(masks, heat.shape[-2:])
@@ -298,6 +299,13 @@ class ISNetObjective:
             loss=loss, classification_loss=ce, heatmap_loss=heatmap_loss, logits=logits,
             background_fraction=frac, heatmaps={k: v.detach() for k, v in maps.items()}, parts=parts,
         )
+
+
+def _key(name: str) -> str:
+    """A layer's key for relevance ranges: independent of DDP's ``module.`` wrapper prefix."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
 
 
 def _background_fraction(heat: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

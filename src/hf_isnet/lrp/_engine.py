@@ -294,6 +294,7 @@ class LRPForward:
     logits: torch.Tensor = field(init=False)
     shadow_logits: torch.Tensor | None = field(init=False, default=None)
     layer_inputs: dict[str, torch.Tensor] = field(init=False, default_factory=dict)
+    layer_shadows: dict[str, torch.Tensor] = field(init=False, default_factory=dict)
     zb_leaves: tuple[torch.Tensor, torch.Tensor] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -345,8 +346,7 @@ class LRPForward:
             if entry is None or entry.shadow is None:
                 raise UnsupportedOperationError("rule='zplus' could not follow the model to its logits")
             self.shadow_logits = self._materialize(entry.shadow)
-            for name, t in list(self.layer_inputs.items()):
-                self.layer_inputs[name] = self._materialize(self._shadow_of(t))
+            self.layer_shadows = {n: self._materialize(self._shadow_of(t)) for n, t in self.layer_inputs.items()}
 
     def _rectifier(self, func, args, kwargs):
         rect, inplace = RECTIFIERS[func](func, args, kwargs)
@@ -561,13 +561,20 @@ class LRPForward:
         *,
         create_graph: bool = False,
         batched: bool = False,
+        rule: str = "epsilon",
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Differentiate ``outputs`` with the LRP backward; returns (input heatmap, {layer: relevance})."""
+        """Differentiate ``outputs`` with the LRP backward; returns (input heatmap, {layer: relevance}).
+
+        ``outputs`` is (a function of) :attr:`logits` for ``rule="epsilon"`` and of :attr:`shadow_logits`
+        for ``rule="zplus"``; ``grad_outputs`` as in :func:`torch.autograd.grad` (``batched``: a leading
+        dimension of several maps, ``is_grads_batched``).
+        """
         wrt = [self.x]
         if self.zb_leaves is not None:
             wrt += list(self.zb_leaves)
-        names = list(self.layer_inputs)
-        wrt += [self.layer_inputs[n] for n in names]
+        layer_tensors = self.layer_shadows if rule == "zplus" else self.layer_inputs
+        names = list(layer_tensors)
+        wrt += [layer_tensors[n] for n in names]
         self.session.active = True
         try:
             grads = torch.autograd.grad(
@@ -582,13 +589,13 @@ class LRPForward:
         if self.zb_leaves is not None:
             heat = heat + grads[1] * self.zb_leaves[0] + grads[2] * self.zb_leaves[1]
             k = 3
-        layers = {n: g * self.layer_inputs[n] for n, g in zip(names, grads[k:])}
+        layers = {n: g * layer_tensors[n] for n, g in zip(names, grads[k:])}
         return heat, layers
 
     def close(self) -> None:
         """Drop every reference the pass holds (breaks the tensor <-> graph cycles)."""
         self._table.clear()
-        self.layer_inputs = {}
+        self.layer_inputs, self.layer_shadows = {}, {}
 
     def __enter__(self) -> LRPForward:
         return self

@@ -191,17 +191,17 @@ def explain(
         explained = fwd.shadow_logits if rule == "zplus" else logits
         targets = select_targets(logits.detach(), target, generator)
         if isinstance(target, str) and target == "all":
-            heatmap, layer_maps = _all_classes(fwd, explained, create_graph, max_maps_per_pass)
+            heatmap, layer_maps = _all_classes(fwd, explained, create_graph, max_maps_per_pass, rule)
         else:
             q = explained_quantity(explained, target if isinstance(target, str) else "index", targets, mu)
-            heatmap, layer_maps = fwd.relevance(q, create_graph=create_graph)
+            heatmap, layer_maps = fwd.relevance(q, create_graph=create_graph, rule=rule)
         if not create_graph:
             heatmap = heatmap.detach()
             layer_maps = {k: v.detach() for k, v in layer_maps.items()}
     return Explanation(heatmap=heatmap, logits=logits, layers=layer_maps, targets=targets)
 
 
-def _all_classes(fwd: LRPForward, explained: torch.Tensor, create_graph: bool, chunk: int):
+def _all_classes(fwd: LRPForward, explained: torch.Tensor, create_graph: bool, chunk: int, rule: str = "epsilon"):
     """One map per class, ``chunk`` classes per batched backward (``is_grads_batched``)."""
     if chunk < 1:
         raise ValueError(f"max_maps_per_pass must be >= 1, got {chunk}")
@@ -211,9 +211,9 @@ def _all_classes(fwd: LRPForward, explained: torch.Tensor, create_graph: bool, c
     for start in range(0, classes, chunk):
         basis = eye[start:start + chunk]  # [K, C]
         grad_outputs = basis[:, None, :].expand(-1, explained.shape[0], -1)  # [K, B, C]
-        heat, layers = fwd.relevance(explained, grad_outputs, create_graph=create_graph, batched=True)
+        heat, layers = fwd.relevance(explained, grad_outputs, create_graph=create_graph, batched=True, rule=rule)
         heat_parts.append(heat)
         layer_parts.append(layers)
     heatmap = torch.cat(heat_parts).transpose(0, 1)  # [B, C, ...]
-    layer_maps = {n: torch.cat([p[n] for p in layer_parts]).transpose(0, 1) for n in fwd.layer_inputs}
+    layer_maps = {n: torch.cat([p[n] for p in layer_parts]).transpose(0, 1) for n in layer_parts[0]}
     return heatmap, layer_maps
