@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: test demo install lint bench
+.PHONY: test demo install lint bench system-deps
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,14 +19,22 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-test: install
+# Fashion-MNIST for the photo composites (Debian package, MIT); needs root, skipped when present.
+FASHION := /usr/share/datasets/fashion-mnist
+system-deps:
+	@if [ ! -d $(FASHION) ] && [ -z "$$HF_ISNET_FASHION_MNIST_DIR" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+		else echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist (or set HF_ISNET_FASHION_MNIST_DIR)"; fi; \
+	fi
+
+test: install system-deps
 	$(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
 
 demo: install
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/train_mnist.py $(DEMO_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/lrp_speed.py
