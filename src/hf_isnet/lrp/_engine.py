@@ -40,6 +40,11 @@ from .rules import RECTIFIERS, UNSUPPORTED, Rectifier, UnsupportedOperationError
 ZB_STABILIZER = 1e-6
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The precision of rectifier factors and BatchNorm statistics: float32 for 16-bit inputs, else as is."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class Session:
     """State shared by the autograd functions of one LRP forward pass."""
 
@@ -78,7 +83,8 @@ class _RectifierFn(torch.autograd.Function):
             if ctx.has_den:  # first block under z^B: divide by the z^B denominator
                 factor = safe_divide(out, stabilize(den, ZB_STABILIZER))
             else:
-                factor = rect.lrp_factor(pre.float(), out.float(), ctx.session.eps).to(out.dtype)
+                wide = _wide(out.dtype)  # at least float32, float64 stays float64
+                factor = rect.lrp_factor(pre.to(wide), out.to(wide), ctx.session.eps).to(out.dtype)
             g = grad * factor
         else:
             g = grad * rect.derivative(pre)
@@ -379,7 +385,7 @@ class LRPForward:
         if not use_batch_stats and entry is None:
             return F.batch_norm(*args, **kwargs)  # an affine map with running statistics: nothing to do
         if use_batch_stats:
-            var, mean = torch.var_mean(x.float(), dim=[0] + list(range(2, x.dim())), unbiased=False)
+            var, mean = torch.var_mean(x.to(_wide(x.dtype)), dim=[0] + list(range(2, x.dim())), unbiased=False)
             if p["training"] and rm is not None:
                 n = x.numel() // x.shape[1]
                 m = 0.1 if p["momentum"] is None else p["momentum"]
@@ -390,11 +396,11 @@ class LRPForward:
             mean = _RouteFn.apply(mean, self.session, False)
             var = _RouteFn.apply(var, self.session, False)
         else:
-            mean, var = rm.float(), rv.float()
+            mean, var = rm.to(_wide(rm.dtype)), rv.to(_wide(rv.dtype))
         scale = torch.rsqrt(var + p["eps"])
         if weight is not None:
-            scale = scale * weight.float()
-        shift = -mean * scale if bias is None else bias.float() - mean * scale
+            scale = scale * weight.to(scale.dtype)
+        shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
         shape = [1, -1] + [1] * (x.dim() - 2)
         if use_batch_stats:
             out = x * scale.reshape(shape).to(x.dtype) + shift.reshape(shape).to(x.dtype)
