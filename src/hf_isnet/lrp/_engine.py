@@ -360,13 +360,22 @@ class LRPForward:
         den = None
         first = self._first_of(z)
         if first is not None:
-            den = self._zb_denominator(first, z)
-        pre = z.clone() if (rect.needs_pre and inplace) else (z if rect.needs_pre else None)
-        out = _RectifierFn.apply(z, pre, den, rect, self.session, inplace)
+            # z^B: the rectifier acts on the denominator (same value as z) so that the heatmap backward
+            # reaches the bound leaves; an in-place call writes the result back into z
+            zin, den = self._zb_denominator(first, z)
+            out = _RectifierFn.apply(zin, zin, den, rect, self.session, False)
+            if inplace:
+                out = z.copy_(out)
+        else:
+            pre = z.clone() if (rect.needs_pre and inplace) else (z if rect.needs_pre else None)
+            out = _RectifierFn.apply(z, pre, den, rect, self.session, inplace)
         if self.tracking:
             if self.zplus:
-                zp = den if den is not None else self._materialize(self._shadow_of(z))
-                shadow = _GateFn.apply(zp, out, self.session, self.session.zplus_eps)
+                if den is not None:  # z^B first block: divide by its denominator
+                    shadow = _GateFn.apply(den, out, self.session, ZB_STABILIZER)
+                else:
+                    shadow = _GateFn.apply(self._materialize(self._shadow_of(z)), out, self.session,
+                                           self.session.zplus_eps)
                 self._track(out, shadow)
             elif first is not None:
                 self._table.pop(id(z), None)
@@ -446,16 +455,20 @@ class LRPForward:
     def _materialize(self, shadow) -> torch.Tensor:
         return shadow.positive() if isinstance(shadow, _Affine) else shadow
 
-    def _zb_denominator(self, first: _FirstBlock, z: torch.Tensor) -> torch.Tensor:
-        """``z - W+ l - W- h`` (z: the first rectifier's pre-activation, bias included).
+    def _zb_denominator(self, first: _FirstBlock, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z - (W+ l + b+) - (W- h + b-)`` as zennit's ZBox (the bias cancels: ``Wx - W+ l - W- h``).
 
-        The bound terms carry gradient to the bound leaves only in the heatmap backward, so the
-        classification gradient is untouched; their values enter the z^B denominator.
+        z is the first rectifier's pre-activation (bias included). Returns ``(rectifier input, denominator)``:
+        the input has z's value, the denominator the z^B value; in both, the bound terms carry gradient to
+        the bound leaves only in the heatmap backward, so the classification gradient is untouched.
         """
         aff = first.affine
-        bounds = aff.run(first.low, aff.weight.clamp(min=0), None) + aff.run(first.high, aff.weight.clamp(max=0), None)
+        b = aff.bias
+        bounds = (aff.run(first.low, aff.weight.clamp(min=0), None if b is None else b.clamp(min=0))
+                  + aff.run(first.high, aff.weight.clamp(max=0), None if b is None else b.clamp(max=0)))
         self._zb_done = True
-        return z - _RouteFn.apply(bounds, self.session, True) + bounds.detach()
+        routed = _RouteFn.apply(bounds, self.session, True)
+        return z - routed + bounds.detach(), z - routed
 
     def _tracked_call(self, func, args, kwargs):
         flat = _tensors(args) + _tensors(kwargs)

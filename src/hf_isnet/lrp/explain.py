@@ -48,7 +48,9 @@ def bounds_from_normalization(
                          f"and {tuple(std_t.shape)}")
     if (std_t <= 0).any():
         raise ValueError(f"std must be positive, got {std_t.tolist()}")
-    return (-mean_t / std_t).float(), ((1 - mean_t) / std_t).float()
+    dtype = torch.promote_types(torch.as_tensor(mean).dtype if isinstance(mean, torch.Tensor) else torch.float32,
+                                torch.float32)
+    return (-mean_t / std_t).to(dtype), ((1 - mean_t) / std_t).to(dtype)
 
 
 def _bounds_for(input_bounds, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
