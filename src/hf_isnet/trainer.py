@@ -41,7 +41,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from . import hub
 from .calibration import RelevanceCalibration, WelfordAccumulator
 from .losses import check_masks
-from .lrp import LRPForward, bounds_from_normalization
+from .lrp import bounds_from_normalization
 from .metrics import compute_metrics as default_compute_metrics
 from .modeling import ImageMaskTransform, data_config
 from .training_args import ISNetTrainingArguments
@@ -116,6 +116,12 @@ class ISNetTrainer(Trainer):
         if model is None:
             raise ValueError("ISNetTrainer needs a model (hf_isnet.create_model(...))")
         self._data_config = data_config(_timm_model(model))
+        if args.variant != "none" and args.ddp_find_unused_parameters is None:
+            # The Trainer's DDP default for non-transformers models is find_unused_parameters=True, which
+            # passes the logits through DDP's _DDPSink autograd Function: its forward runs without grad, so
+            # the Dual ISNet's z+ shadow logits lose their graph ("element 0 of tensors does not require
+            # grad"). The backbones here use every parameter; a model that does not must say so explicitly.
+            args.ddp_find_unused_parameters = False
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = self._collator(args, train=True)
         self._eval_collator = kwargs["data_collator"] if "data_collator" in kwargs and not isinstance(
@@ -190,7 +196,8 @@ class ISNetTrainer(Trainer):
                     + (", or use variant='none' to train without masks" if a.mask_column in missing else "")
                 )
         num_classes = getattr(_timm_model(self.model), "num_classes", None)
-        if columns is not None and num_classes is not None:
+        map_style = hasattr(ds, "__getitem__") and hasattr(ds, "__len__")  # not a streaming IterableDataset
+        if columns is not None and num_classes is not None and map_style:
             label_col = "labels" if "labels" in columns else a.label_column
             if label_col in columns:
                 labels = torch.as_tensor(ds[label_col])
@@ -200,17 +207,26 @@ class ISNetTrainer(Trainer):
                         f"labels {sorted(set(bad.tolist()))[:10]} are out of range for a model with {num_classes} "
                         f"classes (valid: 0..{num_classes - 1}); build the model with as many labels as the dataset has"
                     )
-        batch = self.data_collator([ds[0]])
+        batch = self.data_collator([ds[0] if map_style else next(iter(ds))])
         if a.variant != "none":
             check_masks(batch["masks"], batch["pixel_values"])
             model = _timm_model(self.model)
             was_training = model.training
             model.eval()
             try:
-                LRPForward(model, batch["pixel_values"].to(self.args.device), eps=a.lrp_eps,
-                           zplus=a.variant == "dual").close()
+                # this run's heatmaps on one image: activations, LDS layer names, z+ and z^B all work
+                self.objective.heatmaps(model, batch["pixel_values"].to(self.args.device))
             finally:
                 model.train(was_training)
+            if self.calibration is not None:
+                missing = [k for k in self.objective.map_keys(model) if k not in self.calibration]
+                if missing:
+                    raise ValueError(
+                        f"the relevance calibration has no range for map(s) {missing} (it has "
+                        f"{self.calibration.keys()}): it was made for another variant or lds_layers. Recalibrate: "
+                        f"with relevance_range='auto', delete {Path(a.output_dir) / CALIBRATION_NAME} or use "
+                        "another output_dir."
+                    )
 
     # ------------------------------------------------------------------ data loaders
     def get_eval_dataloader(self, eval_dataset=None):
@@ -272,8 +288,8 @@ class ISNetTrainer(Trainer):
                 from transformers.trainer_utils import get_last_checkpoint
 
                 ckpt = get_last_checkpoint(self.args.output_dir)
-            saved = Path(ckpt or "") / CALIBRATION_NAME
-            if saved.is_file():
+            saved = Path(ckpt) / CALIBRATION_NAME if ckpt else None
+            if saved is not None and saved.is_file():
                 self.calibration = RelevanceCalibration.from_json(saved)
         if self.needs_calibration:
             self.calibration = self.calibrate()
@@ -301,7 +317,7 @@ class ISNetTrainer(Trainer):
         )
         logger.info("relevance-range calibration: %d epoch(s) of a standard classifier", a.calibration_epochs)
         sub = ISNetTrainer(model=self.model, args=sub_args, train_dataset=self.train_dataset,
-                           data_collator=self._collator(a, train=True))
+                           data_collator=self.data_collator)  # the same data pipeline as the ISNet run
         sub.train()
         acc = WelfordAccumulator()
         model = sub.model_wrapped if sub.model_wrapped is not None else self.model
