@@ -83,14 +83,18 @@ def attenuate_background(
 
     ``x_h = M * x + (1 - M) * (b + factor * (x - b))``: factor 1 leaves the image as it is, factor 0
     replaces the background by the baseline ``b`` (the value of an empty background in model-input
-    space, scalar or per channel). The foreground is never changed. ``factor``: ``[B]``.
+    space, scalar or per channel). The foreground is never changed. ``factor``: ``[B]`` (or a number).
+
+    Computed with :func:`torch.lerp`, which is exact at both ends: factor 1 returns the background
+    bit for bit, factor 0 the baseline bit for bit (``b + 1 * (x - b)`` is not ``x`` in floating point).
     """
     b = torch.as_tensor(baseline, dtype=pixel_values.dtype, device=pixel_values.device)
     if b.dim() == 1:
         b = b.reshape(1, -1, *([1] * (pixel_values.dim() - 2)))
-    f = factor.to(pixel_values.dtype).reshape(-1, *([1] * (pixel_values.dim() - 1)))
-    m = masks.to(pixel_values.dtype)
-    return torch.where(m > 0, pixel_values, b + f * (pixel_values - b))
+    f = torch.as_tensor(factor, device=pixel_values.device).to(pixel_values.dtype)
+    f = f.reshape(-1, *([1] * (pixel_values.dim() - 1)))
+    m = masks.to(pixel_values.device)
+    return torch.where(m > 0, pixel_values, torch.lerp(b.expand_as(pixel_values), pixel_values, f))
 
 
 class ISNetObjective:
@@ -252,6 +256,8 @@ class ISNetObjective:
         if self.variant == "none" or not compute_heatmap_loss:
             out = model(pixel_values)
             logits = out if isinstance(out, torch.Tensor) else out.logits
+            if check_inputs:
+                _check_labels(labels, logits)
             ce = F.cross_entropy(logits, labels)
             return ISNetOutput(loss=ce, classification_loss=ce, heatmap_loss=None, logits=logits)
         if masks is None:
@@ -260,13 +266,14 @@ class ISNetObjective:
             check_masks(masks, pixel_values)
         masks = masks.to(pixel_values.dtype)
         if self.background_attenuation and model.training:
-            factor = torch.rand(pixel_values.shape[0], generator=self.generator).to(pixel_values.device)
+            gen_device = pixel_values.device if self.generator is None else self.generator.device
+            factor = torch.rand(pixel_values.shape[0], generator=self.generator, device=gen_device)
             pixel_values = attenuate_background(pixel_values, masks, self.attenuation_baseline, factor)
         create_graph = torch.is_grad_enabled()
         logits, maps = self.heatmaps(model, pixel_values, create_graph=create_graph)
+        if check_inputs:
+            _check_labels(labels, logits)
         ce = F.cross_entropy(logits, labels)
-        if check_inputs and ((labels < 0) | (labels >= logits.shape[1])).any():
-            raise ValueError(f"labels must lie in [0, {logits.shape[1] - 1}], got {labels.unique().tolist()}")
 
         parts: dict[str, float] = {}
         per_level: dict[str, torch.Tensor] = {}
@@ -299,6 +306,12 @@ class ISNetObjective:
             loss=loss, classification_loss=ce, heatmap_loss=heatmap_loss, logits=logits,
             background_fraction=frac, heatmaps={k: v.detach() for k, v in maps.items()}, parts=parts,
         )
+
+
+def _check_labels(labels: torch.Tensor, logits: torch.Tensor) -> None:
+    """Class ids in ``[0, C)`` (checked before cross-entropy, which would raise an opaque IndexError)."""
+    if ((labels < 0) | (labels >= logits.shape[1])).any():
+        raise ValueError(f"labels must lie in [0, {logits.shape[1] - 1}], got {labels.unique().tolist()}")
 
 
 def _key(name: str) -> str:

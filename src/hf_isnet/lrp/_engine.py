@@ -70,11 +70,14 @@ class _RectifierFn(torch.autograd.Function):
             out = rect.apply(z)
         ctx.rect, ctx.session = rect, session
         ctx.has_pre, ctx.has_den = pre is not None, den is not None
+        ctx.set_materialize_grads(False)  # a branch that gets no gradient is not back-propagated on zeros
         ctx.save_for_backward(out, pre, den)
         return out
 
     @staticmethod
     def backward(ctx, grad):
+        if grad is None:
+            return None, None, None, None, None, None
         out, pre, den = ctx.saved_tensors
         rect = ctx.rect
         if not ctx.has_pre:
@@ -101,11 +104,12 @@ class _RouteFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, session: Session, when_active: bool):
         ctx.session, ctx.when_active = session, when_active
+        ctx.set_materialize_grads(False)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.session.active == ctx.when_active:
+        if grad is not None and ctx.session.active == ctx.when_active:
             return grad, None, None
         return None, None, None
 
@@ -121,10 +125,13 @@ class _GateFn(torch.autograd.Function):
     def forward(ctx, zp, a, session: Session, eps: float):
         ctx.session, ctx.eps = session, eps
         ctx.save_for_backward(zp, a)
+        ctx.set_materialize_grads(False)
         return a.view_as(a)
 
     @staticmethod
     def backward(ctx, grad):
+        if grad is None:
+            return None, None, None, None
         zp, a = ctx.saved_tensors
         if ctx.session.active:
             return grad * safe_divide(a, stabilize(zp, ctx.eps)), None, None, None
@@ -274,6 +281,11 @@ class _Tracer(TorchFunctionMode):
             )
         if func in RECTIFIERS:
             return fwd._rectifier(func, args, kwargs)
+        if func in _CONVS and args and args[0] is fwd.x and fwd.x.dim() == args[1].dim() - 1:
+            raise ValueError(
+                f"inputs of shape {tuple(fwd.x.shape)} reach a {fwd.x.dim() - 1}-d convolution without a batch "
+                "dimension; explain needs [batch, channels, ...]: use inputs.unsqueeze(0) for a single image"
+            )
         if func is F.batch_norm:
             return fwd._batch_norm(args, kwargs)
         if fwd.tracking:
@@ -459,16 +471,18 @@ class LRPForward:
         """``z - (W+ l + b+) - (W- h + b-)`` as zennit's ZBox (the bias cancels: ``Wx - W+ l - W- h``).
 
         z is the first rectifier's pre-activation (bias included). Returns ``(rectifier input, denominator)``:
-        the input has z's value, the denominator the z^B value; in both, the bound terms carry gradient to
-        the bound leaves only in the heatmap backward, so the classification gradient is untouched.
+        the input has z's value and carries gradient to the bound leaves only in the heatmap backward, so
+        the classification gradient is untouched; the denominator has the z^B value.
         """
         aff = first.affine
         b = aff.bias
         bounds = (aff.run(first.low, aff.weight.clamp(min=0), None if b is None else b.clamp(min=0))
                   + aff.run(first.high, aff.weight.clamp(max=0), None if b is None else b.clamp(max=0)))
         self._zb_done = True
+        # the input routes the bound terms' gradient to the leaves only in the heatmap backward; the
+        # denominator is plain, so the double backward sees its dependence on the parameters
         routed = _RouteFn.apply(bounds, self.session, True)
-        return z - routed + bounds.detach(), z - routed
+        return z - routed + bounds.detach(), z - bounds
 
     def _tracked_call(self, func, args, kwargs):
         flat = _tensors(args) + _tensors(kwargs)

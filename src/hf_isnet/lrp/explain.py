@@ -119,7 +119,7 @@ def explained_quantity(logits: torch.Tensor, target, targets: torch.Tensor | Non
     if target == "joint":
         return logits.sum()
     if target == "selective":
-        p = torch.softmax(logits.float(), dim=1).gather(1, targets[:, None])
+        p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1).gather(1, targets[:, None])
         return (torch.log(p + mu) - torch.log(1 - p + mu)).sum()
     return logits.gather(1, targets[:, None]).sum()
 
@@ -188,7 +188,8 @@ def explain(
         raise ValueError(f"eps must be >= 0, got {eps}")
     bounds = _bounds_for(input_bounds, inputs) if first_layer == "zb" else None
 
-    with LRPForward(model, inputs, eps=eps, zplus=rule == "zplus", zb_bounds=bounds, layers=tuple(layers)) as fwd:
+    with torch.enable_grad(), LRPForward(model, inputs, eps=eps, zplus=rule == "zplus", zb_bounds=bounds,
+                                         layers=tuple(layers)) as fwd:
         logits = fwd.logits
         explained = fwd.shadow_logits if rule == "zplus" else logits
         targets = select_targets(logits.detach(), target, generator)
