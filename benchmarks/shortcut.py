@@ -56,7 +56,7 @@ def batches(n: int, batch: int, generator: torch.Generator):
         yield order[i:i + batch]
 
 
-def train(model, objective: ISNetObjective, data, epochs: int, batch: int, lr: float, seed: int, log_every: int = 50):
+def train(model, objective: ISNetObjective, data, epochs: int, batch: int, lr: float, seed: int, log_every: int = 20):
     x, m, y = data
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
@@ -73,8 +73,8 @@ def train(model, objective: ISNetObjective, data, epochs: int, batch: int, lr: f
             opt.step()
             step += 1
             if step % log_every == 0:
-                rec = {"epoch": epoch, "step": step, "loss": float(out.loss), "ce": float(out.classification_loss),
-                       "heatmap_loss": None if out.heatmap_loss is None else float(out.heatmap_loss),
+                rec = {"epoch": epoch, "step": step, "loss": float(out.loss.detach()), "ce": float(out.classification_loss.detach()),
+                       "heatmap_loss": None if out.heatmap_loss is None else float(out.heatmap_loss.detach()),
                        "background_fraction": None if out.background_fraction is None
                        else float(out.background_fraction), "seconds": round(time.time() - t0, 1)}
                 history.append(rec)

@@ -49,6 +49,7 @@ TRAIN_SCRIPT = textwrap.dedent(
             dataloader_num_workers=0, per_device_train_batch_size=per_device_batch, max_steps=2,
             optim="sgd", learning_rate=0.05, lr_scheduler_type="constant", logging_steps=1,
             disable_tqdm=True, seed=0,
+            background_attenuation=False,  # random per-rank dimming would differ from one process's draws
         )
         trainer = ISNetTrainer(model=model, args=args, train_dataset=ds)
         trainer.train()

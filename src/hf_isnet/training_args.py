@@ -36,9 +36,10 @@ class ISNetTrainingArguments(TrainingArguments):
     """
 
     variant: str = field(
-        default="selective",
+        default="stochastic",
         metadata={
-            "help": "Which heatmaps are optimised: 'original' (ISNet, one LRP-epsilon map per class), 'dual' "
+            "help": "Which heatmaps are optimised (default 'stochastic': the best on the biased-MNIST benchmark, "
+            "see the README): 'original' (ISNet, one LRP-epsilon map per class), 'dual' "
             "(joint LRP-epsilon map of all logits + joint LRP-z+ map), 'selective' (one map of "
             "eta_c = ln(P_c + mu) - ln(1 - P_c + mu) for the lowest-logit class c), 'stochastic' (one map of "
             "the top logit with probability 1/2, else of a random other class), or 'none' (standard "
@@ -120,10 +121,12 @@ class ISNetTrainingArguments(TrainingArguments):
         },
     )
     background_attenuation: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Compute the forward pass that feeds both losses on images whose background is dimmed "
-            "by a random factor alpha ~ U(0, 1) per sample: x_h = x M + alpha x (1 - M) (beyond the paper)."
+            "toward an empty (black) background by a random factor alpha ~ U(0, 1) per sample (beyond the "
+            "paper). On by default: on biased MNIST it raised deceiving accuracy from 0.51 to 0.91 "
+            "(Stochastic) and 0.43 to 0.84 (Dual); --no_background_attenuation for the paper's method."
         },
     )
     max_maps_per_pass: int | None = field(

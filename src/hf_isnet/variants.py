@@ -113,14 +113,16 @@ class ISNetObjective:
         lds_layers: ``None`` (no LDS), ``"auto"`` (see :func:`default_lds_layers`) or module names.
         lds_decay: d of the GWRP that aggregates the per-layer losses (LDS).
         background_attenuation: dim the background of the image that feeds both losses by a random factor
-            ``alpha ~ U(0, 1)`` per sample toward ``attenuation_baseline`` (beyond the paper; see
-            method.md "Saturation"). Evaluation always sees the real image.
+            ``alpha ~ U(0, 1)`` per sample toward ``attenuation_baseline`` (beyond the paper: a network can
+            hide a saturated shortcut from local explanations). Off here, the paper's objective;
+            ``ISNetTrainingArguments`` turns it on by default because it removed most of the shortcut on
+            biased MNIST (README). Evaluation always sees the real image.
         max_maps_per_pass: for ``"original"``, how many class maps one batched backward produces.
     """
 
     def __init__(
         self,
-        variant: str = "selective",
+        variant: str = "stochastic",
         heatmap_loss_weight: float = 0.7,
         relevance_range: tuple[float, float] | Mapping[str, tuple[float, float]] | RelevanceCalibration | None = None,
         *,
