@@ -18,6 +18,7 @@ Every ISNetTrainingArguments field is a flag (``--help``). Multi-GPU and mixed p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,14 +40,14 @@ class ScriptArguments:
     input_size: int = field(default=64, metadata={"help": "Side the images are resized to."})
     train_size: int = field(default=4000, metadata={"help": "Composites: training images."})
     test_size: int = field(default=1000, metadata={"help": "Composites: images behind each test version."})
-    data_seed: int = field(default=0, metadata={"help": "Composites: data seed."})
+    dataset_seed: int = field(default=0, metadata={"help": "Composites: data seed."})
     heatmap_samples: int = field(default=64, metadata={"help": "Test images whose heatmaps give the background fraction."})
 
 
 def main(argv: list[str] | None = None) -> dict:
     script, args = HfArgumentParser((ScriptArguments, ISNetTrainingArguments)).parse_args_into_dataclasses(argv)
     if script.dogs_dir is None:
-        ds = load_photo_composites(seed=script.data_seed, train_size=script.train_size, test_size=script.test_size)
+        ds = load_photo_composites(seed=script.dataset_seed, train_size=script.train_size, test_size=script.test_size)
         train, tests = ds["train"], {v: ds[f"test_{v}"] for v in ("iid", "ood", "deceiving")}
         dataset_name = "Photo composites (hf_isnet.data.load_photo_composites)"
     else:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
             train = load_stanford_dogs(root, script.masks_dir, split="train")
             tests = {"test": load_stanford_dogs(root, script.masks_dir, split="test")}
         else:
-            split = load_stanford_dogs(root, script.masks_dir).train_test_split(test_size=0.2, seed=script.data_seed,
+            split = load_stanford_dogs(root, script.masks_dir).train_test_split(test_size=0.2, seed=script.dataset_seed,
                                                                                   stratify_by_column="label")
             train, tests = split["train"], {"test": split["test"]}
         dataset_name = "Stanford Dogs"
@@ -71,20 +72,20 @@ def main(argv: list[str] | None = None) -> dict:
         report = shortcut_report(trainer, tests, model_name=args.variant, heatmap_samples=script.heatmap_samples)
         print(report.to_table())
         result = report.to_dict()
-        results = {e.version: {"accuracy": e.metrics["accuracy"], "roc_auc": e.metrics.get("roc_auc_ovo")}
+        results = {e.version: {"accuracy": e.metrics["accuracy"], "roc_auc": e.metrics["roc_auc_ovo"]}
                    for e in report.entries}
     else:
         metrics = trainer.evaluate(tests["test"], metric_key_prefix="test")
         print(metrics)
         result = metrics
-        results = {}
+        results = {"test": {"accuracy": metrics["test_accuracy"], "roc_auc": metrics["test_roc_auc_ovo"]}}
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
         if set(tests) == {"iid", "ood", "deceiving"}:
             report.to_json(out / "shortcut.json")
         heatmap_figure(trainer, next(reversed(tests.values())), out / "heatmaps.png")
-        trainer.model_card.update(dataset_name=dataset_name, heatmap=str(out / "heatmaps.png"),
-                                  **({"results": results} if results else {}))
+        results = {k: {m: v for m, v in r.items() if math.isfinite(v)} for k, r in results.items()}  # no NaN AUC
+        trainer.model_card.update(dataset_name=dataset_name, heatmap=str(out / "heatmaps.png"), results=results)
     trainer.save_model()
     return result
 

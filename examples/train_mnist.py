@@ -29,13 +29,13 @@ class ScriptArguments:
     model_name: str = field(default="resnet18", metadata={"help": "timm architecture (ReLU-based)."})
     train_size: int = field(default=6000, metadata={"help": "Training images (a seeded subset of MNIST's 60k)."})
     test_size: int = field(default=2000, metadata={"help": "Test images behind each of the three test versions."})
-    data_seed: int = field(default=0, metadata={"help": "Seed of the subsets and of the deceiving bias."})
+    dataset_seed: int = field(default=0, metadata={"help": "Seed of the subsets and of the deceiving bias."})
     heatmap_samples: int = field(default=64, metadata={"help": "Test images whose heatmaps give the background fraction."})
 
 
 def main(argv: list[str] | None = None) -> dict:
     script, args = HfArgumentParser((ScriptArguments, ISNetTrainingArguments)).parse_args_into_dataclasses(argv)
-    ds = load_biased_mnist(seed=script.data_seed, train_size=script.train_size, test_size=script.test_size)
+    ds = load_biased_mnist(seed=script.dataset_seed, train_size=script.train_size, test_size=script.test_size)
     labels = ds["train"].features["label"].names
     # raw pixels in [0, 1]: an empty (black) background is 0 in model-input space
     model = create_model(script.model_name, labels=labels, in_chans=1, input_size=32,

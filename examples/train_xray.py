@@ -14,6 +14,7 @@ contribute to training measure what shortcut learning costs (the paper's COVID-1
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,12 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
         heatmap_figure(trainer, next(iter(tests.values()), train), out / "heatmaps.png")
-        trainer.model_card.update(dataset_name=Path(script.train_dir).name, heatmap=str(out / "heatmaps.png"))
+        trainer.model_card.update(
+            dataset_name=Path(script.train_dir).name, heatmap=str(out / "heatmaps.png"),
+            results={name: {k: v for k, v in (("accuracy", m[f"test_{name}_accuracy"]),
+                                              ("roc_auc", m[f"test_{name}_roc_auc_ovo"])) if math.isfinite(v)}
+                     for name, m in results.items()},  # a one-class test folder has no AUC
+        )
     trainer.save_model()
     return results
 
