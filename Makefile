@@ -33,9 +33,9 @@ test: install system-deps
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
 
-# A Stochastic ISNet with background attenuation on 2000 biased-MNIST digits, a few minutes on 2 CPU cores.
+# A Stochastic ISNet with background attenuation on 3000 biased-MNIST digits, a few minutes on 2 CPU cores.
 DEMO_ARGS ?= --output_dir outputs/demo --variant stochastic --background_attenuation \
-	--train_size 2000 --test_size 1000 --num_train_epochs 4 --calibration_epochs 2 --learning_rate 1e-3 \
+	--train_size 3000 --test_size 1000 --num_train_epochs 6 --calibration_epochs 2 --learning_rate 1e-3 \
 	--per_device_train_batch_size 64 --per_device_eval_batch_size 256 --lr_scheduler_type constant \
 	--optim adamw_torch --logging_steps 10 --save_strategy no --eval_strategy no --report_to none --use_cpu
 demo: install

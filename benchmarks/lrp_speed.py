@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,7 +102,8 @@ RATIOS = {  # name -> (numerator, denominator)
 }
 
 
-def measure(variants: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, dict[str, list[float]]]:
+def measure(variants: dict[str, Callable[[], None]], repeats: int, warmup: int,
+            label: str = "") -> dict[str, dict[str, list[float]]]:
     """Wall-clock and process CPU seconds of each variant, ``repeats`` times.
 
     The two sides of each ratio run back to back (in alternating order), so a change of the machine's
@@ -119,6 +121,10 @@ def measure(variants: dict[str, Callable[[], None]], repeats: int, warmup: int) 
                 variants[n]()
                 times["wall"][n].append(time.perf_counter() - w0)
                 times["cpu"][n].append(time.process_time() - c0)
+        wall = times["wall"]
+        print(f"{label} repetition {r + 1}/{repeats}: " + ", ".join(
+            f"{num}/{den} {wall[num][-1] / wall[den][-1]:.2f}x" for num, den in RATIOS.values()),
+            file=sys.stderr, flush=True)
     return times
 
 
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for mode in args.modes:
         variants = make_variants(mode, args.batch, args.size, args.classes, args.seed)
-        results["modes"][mode] = summarize(measure(variants, args.repeats, args.warmup))
+        results["modes"][mode] = summarize(measure(variants, args.repeats, args.warmup, label=mode))
     results["machine"]["load_avg_after"] = list(os.getloadavg())
 
     print(f"timm ResNet18, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
