@@ -377,3 +377,36 @@ def make_net(*, bn: bool = True, bias: bool = True, pool_before_relu: bool = Fal
                 m.running_mean += torch.randn(c, generator=g, dtype=torch.float64) * 0.3 * m.running_var.sqrt()
                 m.running_var *= torch.rand(c, generator=g, dtype=torch.float64) * 0.7 + 0.7
     return net.eval()
+
+
+# ------------------------------------------------------------ shared test helpers
+
+
+def randomize_bn(model: nn.Module, seed: int) -> None:
+    """Non-trivial BatchNorm affine parameters and running statistics (negative scales included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.empty(n).uniform_(-0.5, 1.5, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+                m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=g))
+
+
+class EpsReLU(torch.autograd.Function):
+    """A ReLU whose backward is a / (a + eps): method.md's modified-gradient form of LRP-epsilon, written
+    out independently of the engine, for tests that build their own oracle nets."""
+
+    @staticmethod
+    def forward(ctx, z, eps):
+        a = z.clamp_min(0)
+        ctx.save_for_backward(a)
+        ctx.eps = eps
+        return a
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return g * torch.where(a > 0, a / (a + ctx.eps), torch.zeros_like(a)), None

@@ -23,7 +23,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from lrp_reference import rel_err
+from lrp_reference import EpsReLU, randomize_bn, rel_err
 from torch import nn
 
 from hf_isnet.losses import heatmap_loss
@@ -35,17 +35,7 @@ EXACT = 1e-10
 # ----------------------------------------------------------------------------------------------- nets
 
 
-def _randomize_bn(model: nn.Module, seed: int) -> None:
-    """Non-trivial BatchNorm affine parameters and running statistics (negative scales included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.empty(n).uniform_(-0.5, 1.5, generator=g))
-                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
-                m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=g))
+
 
 
 def small_cnn(*, bn: bool = True, bias: bool = True, classes: int = 5, in_ch: int = 3, seed: int = 0,
@@ -59,7 +49,7 @@ def small_cnn(*, bn: bool = True, bias: bool = True, classes: int = 5, in_ch: in
         layers += [nn.BatchNorm2d(8)] if bn else []
         layers += [act(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, classes, bias=bias)]
         model = nn.Sequential(*layers)
-    _randomize_bn(model, seed)
+    randomize_bn(model, seed)
     return model.to(dtype).eval()
 
 
@@ -75,7 +65,7 @@ def timm_resnet18(dtype=torch.float64, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = timm.create_model("resnet18", pretrained=False, num_classes=10)
-    _randomize_bn(model, seed)
+    randomize_bn(model, seed)
     return model.to(dtype).eval()
 
 
@@ -93,20 +83,7 @@ def picked(targets: torch.Tensor):
 LABELS = torch.tensor([0, 3, 4])
 
 
-class _EpsReLU(torch.autograd.Function):
-    """Oracle: a ReLU whose backward is a / (a + eps) (method.md's formulation of LRP-epsilon)."""
 
-    @staticmethod
-    def forward(ctx, z, eps):
-        a = z.clamp_min(0)
-        ctx.save_for_backward(a)
-        ctx.eps = eps
-        return a
-
-    @staticmethod
-    def backward(ctx, g):
-        (a,) = ctx.saved_tensors
-        return g * torch.where(a > 0, a / (a + ctx.eps), torch.zeros_like(a)), None
 
 
 class ThreeReLU(nn.Module):
@@ -134,7 +111,7 @@ class ThreeReLU(nn.Module):
         if self.how == "functional":  # three spellings, the last one in place
             return (F.relu, torch.relu, torch.Tensor.relu_)[i](h)
         assert self.how == "oracle"
-        return _EpsReLU.apply(h, self.eps)
+        return EpsReLU.apply(h, self.eps)
 
     def forward(self, x):
         h = self.act(0, self.c1(x))
@@ -238,7 +215,7 @@ def test_sample_alone_equals_sample_in_batch(net, rule):
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = torchvision.models.resnet18(num_classes=10)
-        _randomize_bn(model, 0)
+        randomize_bn(model, 0)
         model = model.eval()
     x = images(3, 3, 32, nonneg=rule == "zplus", dtype=torch.float32)
     batch = explain(model, x, "predicted", rule=rule)
@@ -253,7 +230,7 @@ def test_torchvision_resnet18_reused_relu_equals_timm_resnet18(rule):
     """torchvision's BasicBlock reuses one ``self.relu``; timm's has one module per use. Same weights,
     same heatmaps (per-module hooks get the torchvision one ~200 % off, method.md)."""
     tv = torchvision.models.resnet18(num_classes=10)
-    _randomize_bn(tv, 1)
+    randomize_bn(tv, 1)
     tv = tv.double().eval()
     tm = timm.create_model("resnet18", pretrained=False, num_classes=10).double().eval()
     tm.load_state_dict(tv.state_dict())
@@ -327,7 +304,7 @@ def fd_net() -> nn.Sequential:
             nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
             nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3),
         )
-    _randomize_bn(model, 5)
+    randomize_bn(model, 5)
     with torch.no_grad():
         model[1].weight.abs_().add_(0.5)
     return model.double()

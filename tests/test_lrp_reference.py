@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from lrp_reference import lrp_reference, make_net, rel_err
+from lrp_reference import EpsReLU, lrp_reference, make_net, rel_err
 from torch import nn
 
 try:
@@ -79,27 +79,14 @@ def grad_times_input(model, x, target) -> torch.Tensor:
     return (g * x).detach()
 
 
-class _EpsReLU(torch.autograd.Function):
-    """ReLU whose backward is a / (a + eps) (method.md's formulation of LRP-epsilon), for part 1 only."""
 
-    @staticmethod
-    def forward(ctx, z, eps):
-        a = z.clamp_min(0)
-        ctx.save_for_backward(a)
-        ctx.eps = eps
-        return a
-
-    @staticmethod
-    def backward(ctx, g):
-        (a,) = ctx.saved_tensors
-        return g * torch.where(a > 0, a / (a + ctx.eps), torch.zeros_like(a)), None
 
 
 def modified_gradient_map(model, x, target, eps) -> torch.Tensor:
     x = x.clone().requires_grad_(True)
     h = x
     for m in model:
-        h = _EpsReLU.apply(h, eps) if isinstance(m, nn.ReLU) else m(h)
+        h = EpsReLU.apply(h, eps) if isinstance(m, nn.ReLU) else m(h)
     q = h.sum() if isinstance(target, str) else h.gather(1, target.view(-1, 1)).sum()
     (g,) = torch.autograd.grad(q, x)
     return (g * x).detach()

@@ -22,6 +22,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from lrp_reference import randomize_bn
 from torch import nn
 
 from hf_isnet.calibration import CalibrationEntry, RelevanceCalibration, relevance_range
@@ -96,23 +97,14 @@ class Wrapper(nn.Module):
         return self.module(x)
 
 
-def _randomize_bn(model: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.empty(n).uniform_(-0.5, 1.5, generator=g))
-                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
-                m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=g))
+
 
 
 def tiny(classes: int = 5, *, seed: int = 0, dtype=torch.float64, in_ch: int = 3, ch: int = 6) -> TinyNet:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = TinyNet(classes, ch=ch, in_ch=in_ch)
-    _randomize_bn(model, seed)
+    randomize_bn(model, seed)
     return model.to(dtype).eval()
 
 
@@ -270,7 +262,7 @@ def _timm_resnet18(classes: int = 4) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = timm.create_model("resnet18", pretrained=False, num_classes=classes)
-    _randomize_bn(model, 0)
+    randomize_bn(model, 0)
     return model.double().eval()
 
 

@@ -122,10 +122,12 @@ class ISNetTrainer(Trainer):
             # the Dual ISNet's z+ shadow logits lose their graph ("element 0 of tensors does not require
             # grad"). The backbones here use every parameter; a model that does not must say so explicitly.
             args.ddp_find_unused_parameters = False
-        if kwargs.get("data_collator") is None:
+        user_collator = kwargs.get("data_collator")
+        if user_collator is None:
             kwargs["data_collator"] = self._collator(args, train=True)
-        self._eval_collator = kwargs["data_collator"] if "data_collator" in kwargs and not isinstance(
-            kwargs["data_collator"], ISNetCollator) else self._collator(args, train=False)
+        # a custom collator serves evaluation too; an ISNetCollator gets the evaluation transforms
+        custom = user_collator is not None and not isinstance(user_collator, ISNetCollator)
+        self._eval_collator = user_collator if custom else self._collator(args, train=False)
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = default_compute_metrics
         super().__init__(model, args, *rest, **kwargs)
@@ -149,10 +151,11 @@ class ISNetTrainer(Trainer):
     def _build_objective(self) -> ISNetObjective:
         a = self.args
         rr = a.parsed_relevance_range()
+        pixel_range = bounds_from_normalization(self._data_config["mean"], self._data_config["std"])
         bounds = a.parsed_zb_bounds()
         if bounds == "auto":
-            bounds = bounds_from_normalization(self._data_config["mean"], self._data_config["std"])
-        baseline = torch.as_tensor(bounds_from_normalization(self._data_config["mean"], self._data_config["std"])[0])
+            bounds = pixel_range
+        baseline = pixel_range[0]  # the normalised black: an empty background
         return ISNetObjective(
             variant=a.variant,
             heatmap_loss_weight=a.heatmap_loss_weight,
@@ -161,7 +164,7 @@ class ISNetTrainer(Trainer):
             first_layer="zb" if a.first_layer_zb else None, input_bounds=bounds,
             lds_layers=a.parsed_lds_layers(), lds_decay=a.lds_decay,
             background_attenuation=a.background_attenuation,
-            attenuation_baseline=baseline,  # the normalised black: an empty background
+            attenuation_baseline=baseline,
             max_maps_per_pass=a.max_maps_per_pass or 10**6,
         )
 
